@@ -137,9 +137,10 @@ def count_tokens(token_lists: pa.ListArray) -> pa.Table:
 
 def sum_counts(tables: Iterable[pa.Table]) -> pa.Table:
     """Sums partial count tables into one {token, count}."""
-    merged = pa.concat_tables([t.select(["token", "count"]) for t in tables])
+    empty = pa.table({"token": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
+    merged = pa.concat_tables([empty, *(t.select(["token", "count"]) for t in tables)])
     if merged.num_rows == 0:
-        return pa.table({"token": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
+        return empty
     summed = merged.group_by("token").aggregate([("count", "sum")])
     return summed.rename_columns(["token", "count"]).select(["token", "count"])
 
