@@ -11,11 +11,11 @@ datasets need torchdata's removed datapipes and its C++ library does not load on
 from __future__ import annotations
 
 import csv as pycsv
-import fnmatch
 import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -211,7 +211,7 @@ def expand_paths(paths: list[str] | tuple[str, ...] | str) -> list[tuple[str, st
             for i in fs.get_file_info(selector)
             if i.type == pafs.FileType.File
             and not _hidden(i.path[len(root) :])
-            and (not is_glob or fnmatch.fnmatch(i.path, rest))
+            and (not is_glob or _glob_match(i.path, rest))
         )
         if not found:
             raise DataError(
@@ -219,6 +219,24 @@ def expand_paths(paths: list[str] | tuple[str, ...] | str) -> list[tuple[str, st
             )
         files += [(prefix + f, f[len(root) :].lstrip("/")) for f in found]
     return files
+
+
+def _glob_match(path: str, pattern: str) -> bool:
+    """Shell-style: `*` and `?` stay within one folder, `**` crosses folders."""
+    regex, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            regex, i = regex + ".*", i + 2
+        elif pattern[i] == "*":
+            regex, i = regex + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            regex, i = regex + "[^/]", i + 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1 :]:
+            end = pattern.index("]", i + 1)
+            regex, i = regex + pattern[i : end + 1], end + 1
+        else:
+            regex, i = regex + re.escape(pattern[i]), i + 1
+    return re.fullmatch(regex, path) is not None
 
 
 def _hidden(relative: str) -> bool:
@@ -361,7 +379,29 @@ def _parse_csv(data: bytes, path: str, *, header: bool, names=None, delimiter=",
         (int(line), f"malformed CSV: expected {expected} fields, found {found}", text.encode())
         for line, (_, found, text) in zip(starts[is_bad], invalid, strict=True)
     ]
-    return table, starts[~is_bad], bad
+    rows = starts[~is_bad]
+    if not header:
+        table, rows, bad = _check_official_quoting(data, table, rows, bad)
+    return table, rows, bad
+
+
+# The official layout quotes every field and doubles the quotes inside; the CSV parser takes a
+# stray quote silently, so each line is held to the layout.
+_OFFICIAL_LINE = r'^"(?:[^"]|"")*","(?:[^"]|"")*","(?:[^"]|"")*"\r?$'
+
+
+def _check_official_quoting(data: bytes, table: pa.Table, rows: np.ndarray, bad: list):
+    lines = data.split(b"\n")
+    line_of_row = pa.array([lines[r - 1] for r in rows], pa.binary())
+    ok = pc.or_(
+        pc.match_substring_regex(line_of_row, _OFFICIAL_LINE),
+        pc.equal(pc.binary_length(line_of_row), 0),  # an empty line is reported as empty text
+    ).to_numpy(zero_copy_only=False)
+    if ok.all():
+        return table, rows, bad
+    why = "malformed CSV: broken quoting (every field quoted, quotes inside doubled)"
+    bad = sorted(bad + [(int(r), why, lines[r - 1]) for r in rows[~ok]])
+    return table.filter(pa.array(ok)), rows[ok], bad
 
 
 def _parse_jsonl(data: bytes, path: str):

@@ -3,6 +3,8 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# ray.init() turns on token auth by default while `ray start` may not: say it once, for all.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture(scope="session")
