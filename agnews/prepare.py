@@ -36,14 +36,14 @@ from agnews.data import (
     DataError,
     file_key,
     md5_of,
-    read_rows,
+    read_dataset,
 )
 from agnews.text import Vocab, count_tokens, sum_counts, tokenize, write_json_atomic
 
 SPLITS = ("train", "val", "test")
 PREPARED_KIND = "agnews-prepared"
 DEFAULT_PREPARE = PrepareConfig()
-ROWS_PER_BLOCK = 16_384  # enough rows for vectorised kernels, enough blocks for 2+ workers
+ROWS_PER_FILE = 65_536
 
 
 class PrepareError(RuntimeError):
@@ -51,19 +51,6 @@ class PrepareError(RuntimeError):
 
 
 # --- functions Ray runs on workers (module level, so they ship with the package) -----------
-
-
-def read_files(
-    batch: pa.Table, fmt: str, mapping: ColumnMapping | None, max_row_bytes: int
-) -> pa.Table:
-    """map_batches over {path, name, source}: each file's rows, with the source split."""
-    tables = []
-    for path, name, source in zip(
-        *(batch[c].to_pylist() for c in ("path", "name", "source")), strict=True
-    ):
-        rows = read_rows(path, fmt, mapping, name=name, max_row_bytes=max_row_bytes)
-        tables.append(rows.append_column("source", pa.array([source] * rows.num_rows, pa.string())))
-    return pa.concat_tables(tables)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -202,7 +189,6 @@ def prepare(
     Any number of rows is accepted; a source with other row counts than the official AG_NEWS
     files is noted in the manifest. Raises PrepareError above `max_rejected_fraction` bad rows.
     """
-    import ray
 
     from agnews.data import expand_paths
     from agnews.runtime import quiet_data
@@ -216,23 +202,16 @@ def prepare(
     seconds: dict[str, float] = {}
     started = time.perf_counter()
 
-    items = []
-    for source, paths in sources.items():
-        items += [{"path": p, "name": name, "source": source} for p, name in expand_paths(paths)]
+    items = [
+        {"path": path, "name": name, "source": source}
+        for source, paths in sources.items()
+        for path, name in expand_paths(paths)
+    ]
     tmp = out_path.parent / f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         t = time.perf_counter()
-        rows = (
-            ray.data.from_items(items, override_num_blocks=len(items))
-            .map_batches(
-                read_files,
-                batch_size=1,
-                batch_format="pyarrow",
-                fn_kwargs={"fmt": fmt, "mapping": mapping, "max_row_bytes": max_row_bytes},
-            )
-            .repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
-        )
+        rows = read_dataset(items, fmt, mapping, max_row_bytes=max_row_bytes)
         tokenized = rows.map_batches(
             tokenize_rows,
             batch_size=None,
@@ -338,7 +317,7 @@ def _sum_streamed(ds, flush_rows: int = 2_000_000) -> pa.Table:
 
 def _write_parquet(ds, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    ds.write_parquet(str(folder), min_rows_per_file=ROWS_PER_BLOCK * 4)
+    ds.write_parquet(str(folder), min_rows_per_file=ROWS_PER_FILE)
 
 
 def _parquet_rows(folder: Path) -> int:
