@@ -7,11 +7,12 @@ specification. `tokenize` computes the same tokens for a whole Arrow column at o
 - lowercase with `utf8_lower`, except rows holding a character whose lowercase differs between
   Python and utf8proc (U+0130, the final-sigma rule of U+03A3, and letters newer than the Python's
   Unicode database); those few rows are lowercased by Python, so the result stays exact;
-- drop `"` first (dropping it can create a `<br />`), then one pass replacing `<br />`, `;` and `:`
-  by a space, then one pass spacing out `'`, `.`, `,`, `(`, `)`, `!`, `?`. The fusion is exact
-  because no replacement produces text that a later pattern of torchtext's order would match,
-  other than whitespace, which the final split swallows;
-- trim, then split on whitespace with `utf8_split_whitespace`, whose whitespace set is Python's
+- drop `"` first (dropping it can create a `<br />`), then one regex pass replacing `<br />`,
+  `;`, `:` and Python's non-ASCII whitespace by a space, then plain substring passes spacing out
+  `'`, `.`, `,`, `(`, `)`, `!`, `?`. The fusion is exact because no replacement produces text
+  that a later pattern of torchtext's order would match, other than whitespace, which the
+  final split swallows;
+- trim and split on ASCII whitespace, which after the pass above is exactly Python's
   `str.isspace` set (checked by a test over every code point).
 """
 
@@ -76,6 +77,13 @@ def _python_only_lowercase_class() -> str:
     return "[" + "".join(sorted(re.escape(c) for c in differing)) + "]"
 
 
+@functools.cache
+def _non_ascii_whitespace_class() -> str:
+    """A regex class of what Python's str.split() splits on beyond ASCII whitespace."""
+    spaces = (chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+    return "[" + "".join(c for c in spaces if c.isspace() and c not in " \t\n\v\f\r") + "]"
+
+
 def _lower(texts: pa.Array) -> pa.Array:
     is_ascii = pc.string_is_ascii(texts)
     if pc.all(is_ascii).as_py() is not False:
@@ -115,11 +123,13 @@ def tokenize(texts: pa.Array | pa.ChunkedArray) -> pa.ListArray:
         texts = texts.cast(pa.string())
     text = _lower(texts)
     text = pc.replace_substring(text, '"', "")
-    text = pc.replace_substring_regex(text, r"<br />|[;:]", " ")
-    text = pc.replace_substring_regex(text, r"([',.()!?])", r" \1 ")
-    # Trimmed first, utf8_split_whitespace yields no empty token but for an empty text ([""]).
-    text = pc.utf8_trim_whitespace(text)
-    lists = pc.utf8_split_whitespace(text)
+    # Python's non-ASCII whitespace becomes a space here, so the ASCII split below is exact.
+    text = pc.replace_substring_regex(text, f"<br />|[;:]|{_non_ascii_whitespace_class()}", " ")
+    for mark in "',.()!?":  # plain substring passes beat one regex with a capture group
+        text = pc.replace_substring(text, mark, f" {mark} ")
+    # Trimmed first, ascii_split_whitespace yields no empty token but for an empty text ([""]).
+    text = pc.ascii_trim_whitespace(text)
+    lists = pc.ascii_split_whitespace(text)
     if isinstance(lists, pa.ChunkedArray):
         lists = lists.combine_chunks()
     if pc.any(pc.equal(pc.binary_length(text), 0)).as_py():
