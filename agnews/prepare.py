@@ -256,9 +256,9 @@ def prepare(
             part = encoded.map_batches(
                 _only_split, batch_size=None, batch_format="pyarrow", fn_kwargs={"split": split}
             )
-            _write_parquet(part, tmp / split)
+            _write_parquet(part, tmp / split, summary["accepted"][split])
         rejected = tokenized.map_batches(_rejected_only, batch_size=None, batch_format="pyarrow")
-        _write_parquet(rejected, tmp / "rejected")
+        _write_parquet(rejected, tmp / "rejected", summary["rejected"])
         seconds["encode_write"] = time.perf_counter() - t
 
         written = {name: _parquet_rows(tmp / name) for name in (*SPLITS, "rejected")}
@@ -315,9 +315,11 @@ def _sum_streamed(ds, flush_rows: int = 2_000_000) -> pa.Table:
     return sum_counts([total, *pending])
 
 
-def _write_parquet(ds, folder: Path) -> None:
+def _write_parquet(ds, folder: Path, rows: int) -> None:
+    """Writes `ds` into `folder`; an empty split gets its folder and no Ray pass."""
     folder.mkdir(parents=True, exist_ok=True)
-    ds.write_parquet(str(folder), min_rows_per_file=ROWS_PER_FILE)
+    if rows:
+        ds.write_parquet(str(folder), min_rows_per_file=ROWS_PER_FILE)
 
 
 def _parquet_rows(folder: Path) -> int:
