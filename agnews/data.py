@@ -10,6 +10,7 @@ datasets need torchdata's removed datapipes and its C++ library does not load on
 
 from __future__ import annotations
 
+import contextlib
 import csv as pycsv
 import hashlib
 import io
@@ -20,7 +21,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -152,16 +153,27 @@ class ColumnMapping:
     label: str | None = None
     label_format: str = "auto"  # auto: 1-4 or class names; index0: 0-3; index1: 1-4; name
     id: str | None = None
+    # Source columns carried through as text, after the ROW_SCHEMA columns (predict --keep-columns).
+    keep: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "keep", tuple(self.keep))
+        clash = [c for c in self.keep if c in ROW_SCHEMA.names or c == "source"]
+        if clash:
+            raise DataError(f"cannot keep column(s) {clash}: the reader uses these names")
         if self.label_format not in LABEL_FORMATS:
             raise DataError(f"label format {self.label_format!r} is not one of {LABEL_FORMATS}")
         if self.text is None and self.title is None and self.description is None:
             raise DataError("say which column holds the text: text, or title and description")
 
     def used(self) -> list[str]:
-        cols = [self.text, self.title, self.description, self.label, self.id]
+        cols = [self.text, self.title, self.description, self.label, self.id, *self.keep]
         return [c for c in cols if c is not None]
+
+
+def row_schema(keep: tuple[str, ...] = ()) -> pa.Schema:
+    """ROW_SCHEMA, plus the kept source columns (as text) after it."""
+    return pa.schema([*ROW_SCHEMA, *(pa.field(c, pa.string()) for c in keep)])
 
 
 AG_NEWS_MAPPING = ColumnMapping(
@@ -292,8 +304,10 @@ def read_rows(
         raise DataError(f"{path}: no such file") from None
     if fmt == "auto":
         fmt = detect_format(path, data[:4096])
+    official = fmt == "ag_news" or mapping is AG_NEWS_MAPPING
     if fmt == "ag_news":
-        mapping = AG_NEWS_MAPPING
+        keep = mapping.keep if mapping is not None else ()
+        mapping = replace(AG_NEWS_MAPPING, keep=keep) if keep else AG_NEWS_MAPPING
         raw, rows, bad = _parse_csv(
             data, path, header=False, names=["label", "title", "description"]
         )
@@ -315,11 +329,11 @@ def read_rows(
             f"{path}: no column {', '.join(map(repr, missing))}; columns found: "
             f"{', '.join(raw.column_names) or '(none)'}"
         )
-    good = _normalise(raw, rows, mapping, name, max_row_bytes) if not missing else None
-    bad_table = _bad_rows_table(bad, name)
+    good = _normalise(raw, rows, mapping, name, max_row_bytes, official) if not missing else None
+    bad_table = _bad_rows_table(bad, name, mapping.keep)
     tables = [t for t in (good, bad_table) if t is not None and t.num_rows]
     if not tables:
-        return ROW_SCHEMA.empty_table()
+        return row_schema(mapping.keep).empty_table()
     table = pa.concat_tables(tables)
     return table.take(pc.sort_indices(table["row"])) if bad_table.num_rows else table
 
@@ -391,8 +405,8 @@ _OFFICIAL_LINE = r'^"(?:[^"]|"")*","(?:[^"]|"")*","(?:[^"]|"")*"\r?$'
 
 
 def _check_official_quoting(data: bytes, table: pa.Table, rows: np.ndarray, bad: list):
-    lines = data.split(b"\n")
-    line_of_row = pa.array([lines[r - 1] for r in rows], pa.binary())
+    lines = pc.list_flatten(pc.split_pattern(pa.array([data], pa.binary()), "\n"))
+    line_of_row = lines.take(pa.array(rows - 1))
     ok = pc.or_(
         pc.match_substring_regex(line_of_row, _OFFICIAL_LINE),
         pc.equal(pc.binary_length(line_of_row), 0),  # an empty line is reported as empty text
@@ -400,7 +414,7 @@ def _check_official_quoting(data: bytes, table: pa.Table, rows: np.ndarray, bad:
     if ok.all():
         return table, rows, bad
     why = "malformed CSV: broken quoting (every field quoted, quotes inside doubled)"
-    bad = sorted(bad + [(int(r), why, lines[r - 1]) for r in rows[~ok]])
+    bad = sorted(bad + [(int(r), why, lines[int(r) - 1].as_py()) for r in rows[~ok]])
     return table.filter(pa.array(ok)), rows[ok], bad
 
 
@@ -492,7 +506,12 @@ def parse_labels(values: pa.Array, label_format: str) -> tuple[pa.Array, np.ndar
 
 
 def _normalise(
-    raw: pa.Table, rows: np.ndarray, mapping: ColumnMapping, name: str, max_row_bytes: int
+    raw: pa.Table,
+    rows: np.ndarray,
+    mapping: ColumnMapping,
+    name: str,
+    max_row_bytes: int,
+    official: bool = False,
 ):
     n = raw.num_rows
     reason = np.full(n, None, dtype=object)
@@ -505,10 +524,12 @@ def _normalise(
     for col in raw.columns:
         if pa.types.is_binary(col.type) or pa.types.is_string(col.type):
             size += pc.fill_null(pc.binary_length(col), 0).to_numpy()
-    flag(
-        size > max_row_bytes,
-        np.array([f"row too large ({s:,} bytes > {max_row_bytes:,})" for s in size], dtype=object),
-    )
+    too_large = size > max_row_bytes
+    if too_large.any():  # the message is built only for the rows that need it
+        why = np.full(len(size), None, dtype=object)
+        limit = f"{max_row_bytes:,}"
+        why[too_large] = [f"row too large ({n:,} bytes > {limit})" for n in size[too_large]]
+        flag(too_large, why)
 
     def text_of(col_name: str | None) -> pa.Array | None:
         if col_name is None:
@@ -523,7 +544,7 @@ def _normalise(
         title, description = text_of(mapping.title), text_of(mapping.description)
         if title is None or description is None:
             text = title if title is not None else description
-        elif mapping is AG_NEWS_MAPPING:
+        elif official:
             text = pc.binary_join_element_wise(title, description, " ")  # torchtext's convention
         else:
             text = pc.binary_join_element_wise(title, description, " ", null_handling="skip")
@@ -559,6 +580,8 @@ def _normalise(
             ":",
         )
 
+    kept = {c: text_of(c) for c in mapping.keep}
+
     rejected = reason != None  # noqa: E711
     raw_bytes = pa.nulls(n, pa.binary())
     if rejected.any():
@@ -574,8 +597,9 @@ def _normalise(
             "row": pa.array(rows, pa.int64()),
             "reason": pa.array(reason, pa.string()),
             "raw": raw_bytes,
+            **kept,
         },
-        schema=ROW_SCHEMA,
+        schema=row_schema(mapping.keep),
     )
 
 
@@ -592,7 +616,9 @@ def _raw_of(raw: pa.Table, i: int) -> bytes:
     return b",".join(fields)
 
 
-def _bad_rows_table(bad: list[tuple[int, str, bytes]], name: str) -> pa.Table:
+def _bad_rows_table(
+    bad: list[tuple[int, str, bytes]], name: str, keep: tuple[str, ...] = ()
+) -> pa.Table:
     return pa.table(
         {
             "id": pa.array([f"{name}:{line}" for line, _, _ in bad], pa.string()),
@@ -602,12 +628,34 @@ def _bad_rows_table(bad: list[tuple[int, str, bytes]], name: str) -> pa.Table:
             "row": pa.array([line for line, _, _ in bad], pa.int64()),
             "reason": pa.array([why for _, why, _ in bad], pa.string()),
             "raw": pa.array([raw for _, _, raw in bad], pa.binary()),
+            **{c: pa.nulls(len(bad), pa.string()) for c in keep},
         },
-        schema=ROW_SCHEMA,
+        schema=row_schema(keep),
     )
 
 
 # --- on Ray ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def reraise_data_errors():
+    """A DataError raised in a Ray task (a missing column, say) comes out as itself.
+
+    Ray Data wraps a task's exception in a UserCodeException that keeps only its text, so the
+    reader's one-line message is found in that text.
+    """
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:
+        found = _DATA_ERROR_LINE.search(str(e))
+        if found:
+            raise DataError(found.group(1)) from e
+        raise
+
+
+_DATA_ERROR_LINE = re.compile(r"agnews\.data\.DataError: ([^\n]+)")
 
 ROWS_PER_BLOCK = 16_384  # enough rows for vectorised kernels, enough blocks for 2+ workers
 

@@ -37,6 +37,7 @@ from agnews.data import (
     file_key,
     md5_of,
     read_dataset,
+    reraise_data_errors,
 )
 from agnews.text import Vocab, count_tokens, sum_counts, tokenize, write_json_atomic
 
@@ -212,12 +213,13 @@ def prepare(
     try:
         t = time.perf_counter()
         rows = read_dataset(items, fmt, mapping, max_row_bytes=max_row_bytes)
-        tokenized = rows.map_batches(
-            tokenize_rows,
-            batch_size=None,
-            batch_format="pyarrow",
-            fn_kwargs={"val_fraction": config.val_fraction, "seed": config.seed},
-        ).materialize()
+        with reraise_data_errors():
+            tokenized = rows.map_batches(
+                tokenize_rows,
+                batch_size=None,
+                batch_format="pyarrow",
+                fn_kwargs={"val_fraction": config.val_fraction, "seed": config.seed},
+            ).materialize()
         seconds["read_tokenize"] = time.perf_counter() - t
 
         t = time.perf_counter()

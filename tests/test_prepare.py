@@ -198,3 +198,17 @@ def test_cli_prepare(ray_session, ag_news_dir, tmp_path):
         main, ["prepare", "--data", str(tmp_path), "--out", str(tmp_path / "x")]
     )
     assert missing.exit_code != 0 and "no train.csv here" in missing.output
+
+
+def test_missing_column_is_one_clear_error_not_a_ray_traceback(ray_session, tmp_path):
+    from agnews.data import ColumnMapping, DataError
+
+    (tmp_path / "in.csv").write_text("headline,body\nx,y\n")
+    with pytest.raises(DataError, match=r"in.csv: no column 'text'; columns found: headline, body"):
+        prepare(
+            {"train": [str(tmp_path / "in.csv")]},
+            str(tmp_path / "prep"),
+            mapping=ColumnMapping(text="text"),
+            log=silent,
+        )
+    assert not (tmp_path / "prep").exists()
