@@ -24,7 +24,6 @@ import os
 import platform
 import shutil
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -50,7 +49,8 @@ from agnews.data import (
     expand_paths,
     reraise_data_errors,
 )
-from agnews.text import Vocab, tokenize, write_json_atomic
+from agnews.outputs import publish, temp_folder_beside, write_json_atomic
+from agnews.text import Vocab, tokenize
 
 PREDICTIONS_KIND = "agnews-predictions"
 LONG_TEXT_MODES = ("truncate", "chunk")
@@ -427,8 +427,7 @@ def predict(
     threads = threads or max(1, min(os.cpu_count() or 1, int(cpus // workers)))
     crash = os.environ.get(CRASH_ENV) or None
 
-    tmp = out_path.parent / f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = temp_folder_beside(out_path)
     seconds: dict[str, float] = {}
     try:
         t = time.perf_counter()
@@ -542,7 +541,7 @@ def predict(
             },
         }
         write_json_atomic(tmp / "manifest.json", manifest)
-        _publish(tmp, out_path)
+        publish(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -667,17 +666,6 @@ def _check_accounting(summary: dict, written: dict) -> None:
             f"rows read {summary['rows_read']:,} != predictions {written['predictions']:,} "
             f"+ rejected {written['rejected']:,}"
         )
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Renames the finished temporary folder into place; an old OUT goes only after that."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_predictions_manifest(out: str | os.PathLike) -> dict:

@@ -21,7 +21,7 @@ from typing import Any
 
 from agnews import __version__
 from agnews.config import PrepareConfig, TrainConfig
-from agnews.text import write_json_atomic
+from agnews.outputs import write_json_atomic
 
 SUMMARY_FILE = "summary.json"
 

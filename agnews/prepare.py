@@ -17,7 +17,6 @@ import os
 import platform
 import shutil
 import time
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,7 +38,8 @@ from agnews.data import (
     read_dataset,
     reraise_data_errors,
 )
-from agnews.text import Vocab, count_tokens, sum_counts, tokenize, write_json_atomic
+from agnews.outputs import publish, temp_folder_beside, write_json_atomic
+from agnews.text import Vocab, count_tokens, sum_counts, tokenize
 
 SPLITS = ("train", "val", "test")
 PREPARED_KIND = "agnews-prepared"
@@ -208,8 +208,7 @@ def prepare(
         for source, paths in sources.items()
         for path, name in expand_paths(paths)
     ]
-    tmp = out_path.parent / f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = temp_folder_beside(out_path)
     try:
         t = time.perf_counter()
         rows = read_dataset(items, fmt, mapping, max_row_bytes=max_row_bytes)
@@ -270,7 +269,7 @@ def prepare(
             sources, items, config, vocab, summary, written, seconds, max_row_bytes
         )
         write_json_atomic(tmp / "manifest.json", manifest)
-        _publish(tmp, out_path)
+        publish(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -430,17 +429,6 @@ def _manifest(sources, items, config, vocab, summary, written, seconds, max_row_
             "torch": torch.__version__,
         },
     }
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Renames the finished temporary folder into place; an old OUT goes only after that."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_manifest(prepared: str | os.PathLike) -> dict:

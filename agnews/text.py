@@ -22,7 +22,6 @@ import functools
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from agnews.config import PAD_TOKEN, TOKENIZER_NAME, UNK_ID, UNK_TOKEN
+from agnews.outputs import write_json_atomic
 
 # torchtext/data/utils.py, 0.18: the patterns and replacements of _basic_english_normalize.
 _TORCHTEXT_PATTERNS = [
@@ -262,16 +262,3 @@ class Vocab:
         if len(set(itos)) != len(itos):
             raise ValueError(f"{path}: duplicate tokens in itos")
         return cls(tuple(itos), tuple(counts), data.get("min_freq", 1), data.get("max_size"))
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """JSON to a temporary file beside `path`, then renamed over it: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, ensure_ascii=False, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -46,9 +46,7 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -58,28 +56,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+from benchlib import DEFAULT_DATA, log, read_source, reset_peak_rss, rss_mb
 
-DEFAULT_DATA = "/work/shared/data/ag_news"
 GOAL = 0.70
 DEFAULT_MAX_LEN = 256  # PrepareConfig's default: what a trained bundle would carry
 
 
-def log(*parts: object) -> None:
-    print(*parts, file=sys.stderr, flush=True)
-
-
 # --- input --------------------------------------------------------------------------------------
-
-
-def read_source(path: Path) -> pa.Table:
-    names = ["label", "title", "description"]
-    return pacsv.read_csv(
-        path,
-        read_options=pacsv.ReadOptions(column_names=names),
-        convert_options=pacsv.ConvertOptions(
-            column_types={n: pa.string() for n in names}, strings_can_be_null=False
-        ),
-    )
 
 
 def build_corpus(source: pa.Table, articles: int, files: int, folder: Path) -> list[Path]:
@@ -125,24 +108,6 @@ def random_bundle(train: pa.Table, folder: Path) -> Path:
 
 
 # --- memory -------------------------------------------------------------------------------------
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_mb(field: str = "VmHWM") -> float | None:
-    with contextlib.suppress(OSError):
-        with open("/proc/self/status") as f:
-            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
-        if match:
-            return round(int(match.group(1)) / 1024, 1)
-    return None
 
 
 class RayUsage:

@@ -32,14 +32,12 @@ Prints ONE JSON line on stdout; everything else goes to stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import gc
 import json
 import math
 import os
 import platform
-import re
 import resource
 import shutil
 import sys
@@ -51,29 +49,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+from benchlib import DEFAULT_DATA, log, read_source, reset_peak_rss, rss_mb
 
-DEFAULT_DATA = "/work/shared/data/ag_news"
 SPECIALS = ("<pad>", "<unk>")
 GOAL = 10.0
 
 
-def log(*parts: object) -> None:
-    print(*parts, file=sys.stderr, flush=True)
-
-
 # --- input --------------------------------------------------------------------------------------
-
-
-def read_source(path: Path) -> pa.Table:
-    """The AG_NEWS CSV as a table of strings {label, title, description}."""
-    names = ["label", "title", "description"]
-    return pacsv.read_csv(
-        path,
-        read_options=pacsv.ReadOptions(column_names=names),
-        convert_options=pacsv.ConvertOptions(
-            column_types={n: pa.string() for n in names}, strings_can_be_null=False
-        ),
-    )
 
 
 def tiled_rows(source: pa.Table, start: int, stop: int) -> pa.Table:
@@ -116,26 +98,6 @@ def build_corpus(source: pa.Table, articles: int, files: int, folder: Path) -> l
 
 
 # --- memory -------------------------------------------------------------------------------------
-
-
-def reset_peak_rss() -> bool:
-    """Resets this process's peak RSS (Linux >= 4.0); False where it cannot."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_mb(field: str = "VmHWM") -> float | None:
-    """VmHWM (peak RSS since the last reset) or VmRSS of this process, in MiB."""
-    with contextlib.suppress(OSError):
-        with open("/proc/self/status") as f:
-            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
-        if match:
-            return round(int(match.group(1)) / 1024, 1)
-    return None
 
 
 def tree_cpu_seconds(root: int | None = None) -> float | None:

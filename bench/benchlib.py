@@ -1,0 +1,51 @@
+"""What the benchmarks share: the data folder, logging to stderr, the AG_NEWS reader, memory.
+
+Benchmarks run as scripts (`python bench/bench_x.py`), so this folder is on sys.path.
+"""
+
+import contextlib
+import re
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+# Real AG_NEWS rows for benchmarks; never copied into the repository.
+DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ag_news")
+
+
+def log(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def read_source(path: Path) -> pa.Table:
+    """The AG_NEWS CSV as a table of strings {label, title, description}."""
+    names = ["label", "title", "description"]
+    return pacsv.read_csv(
+        path,
+        read_options=pacsv.ReadOptions(column_names=names),
+        convert_options=pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in names}, strings_can_be_null=False
+        ),
+    )
+
+
+def reset_peak_rss() -> bool:
+    """Resets this process's peak RSS (Linux >= 4.0); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_mb(field: str = "VmHWM") -> float | None:
+    """VmHWM (peak RSS since the last reset) or VmRSS of this process, in MiB."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+        if match:
+            return round(int(match.group(1)) / 1024, 1)
+    return None
