@@ -22,3 +22,24 @@ class PrepareConfig:
     max_len: int | None = 256
     seed: int = 0
     max_rejected_fraction: float = 0.01
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings (the model's own are `agnews.model.ModelConfig`)."""
+
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.05  # fraction of all optimizer steps spent warming up, then cosine decay
+    clip: float = 1.0  # gradient-norm clipping; 0 = off
+    bucket: int = 16  # batches per length-sorted chunk (less padding); 1 = plain batches
+    eval_batch_size: int = 512
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional: whole CPUs per worker starve Ray Data's reads
+    threads_per_worker: int = 0  # torch threads; 0 = this node's CPUs / workers on it
+    seed: int = 0
+    patience: int = 3  # epochs without a better val accuracy before stopping
+    max_failures: int = 2  # worker failures recovered from the last checkpoint
