@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from torch import nn
 
 from agnews.config import LABEL_NAMES, PAD_ID, TOKENIZER_NAME, UNK_ID
 from agnews.model import LSTMClassifier, ModelConfig
+from agnews.outputs import publish, temp_folder_beside
 
 WEIGHTS_FILE = "weights.pt"
 VOCAB_FILE = "vocab.json"
@@ -105,18 +105,10 @@ def _write_atomically(path: Path, write: Any) -> Path:
     """Call write(tmp_dir) on a fresh temp folder next to `path`, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = temp_folder_beside(path)
     try:
         write(tmp)
-        if path.exists():
-            # A folder cannot be replaced by rename while it has files: move it aside first.
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
+        publish(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -42,12 +42,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import platform
 import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -56,7 +54,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-from benchlib import DEFAULT_DATA, log, read_source, reset_peak_rss, rss_mb
+from benchlib import (
+    DEFAULT_DATA,
+    log,
+    read_source,
+    reset_peak_rss,
+    rss_mb,
+    run_in_temp_folder,
+)
 
 GOAL = 0.70
 DEFAULT_MAX_LEN = 256  # PrepareConfig's default: what a trained bundle would carry
@@ -281,15 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    started = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="bench_infer-"))
-    try:
-        result = _run(args, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    result["bench_wall_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(result), flush=True)
-    return result
+    return run_in_temp_folder("bench_infer-", lambda work: _run(args, work))
 
 
 def _run(args: argparse.Namespace, work: Path) -> dict:

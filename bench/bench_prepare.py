@@ -41,7 +41,6 @@ import platform
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -49,7 +48,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-from benchlib import DEFAULT_DATA, log, read_source, reset_peak_rss, rss_mb
+from benchlib import (
+    DEFAULT_DATA,
+    log,
+    read_source,
+    reset_peak_rss,
+    rss_mb,
+    run_in_temp_folder,
+)
 
 SPECIALS = ("<pad>", "<unk>")
 GOAL = 10.0
@@ -257,15 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.articles < 1 or args.files < 1 or args.small_articles < 1:
         raise SystemExit("--articles, --files and --small-articles must be positive")
-    started = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="bench_prepare-"))
-    try:
-        result = _run(args, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    result["bench_wall_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(result), flush=True)
-    return result
+    return run_in_temp_folder("bench_prepare-", lambda work: _run(args, work))
 
 
 def _run(args: argparse.Namespace, work: Path) -> dict:

@@ -4,8 +4,13 @@ Benchmarks run as scripts (`python bench/bench_x.py`), so this folder is on sys.
 """
 
 import contextlib
+import json
 import re
+import shutil
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -49,3 +54,16 @@ def rss_mb(field: str = "VmHWM") -> float | None:
         if match:
             return round(int(match.group(1)) / 1024, 1)
     return None
+
+
+def run_in_temp_folder(prefix: str, run: Callable[[Path], dict]) -> dict:
+    """Runs a benchmark in a temporary folder (removed after), prints its one JSON line."""
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        result = run(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["bench_wall_s"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(result), flush=True)
+    return result
