@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import platform
 import shutil
@@ -53,7 +52,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 from benchlib import (
     DEFAULT_DATA,
     log,
@@ -61,6 +59,7 @@ from benchlib import (
     reset_peak_rss,
     rss_mb,
     run_in_temp_folder,
+    write_corpus,
 )
 
 GOAL = 0.70
@@ -72,21 +71,11 @@ DEFAULT_MAX_LEN = 256  # PrepareConfig's default: what a trained bundle would ca
 
 def build_corpus(source: pa.Table, articles: int, files: int, folder: Path) -> list[Path]:
     """`articles` rows of `source` repeated in order, as `files` official-format CSV files."""
-    per_file = math.ceil(articles / files)
-    paths = []
-    for f in range(files):
-        start, stop = f * per_file, min((f + 1) * per_file, articles)
-        if start >= stop:
-            break
-        rows = pa.array(np.arange(start, stop) % source.num_rows)
-        path = folder / f"news-{f:03d}.csv"
-        pacsv.write_csv(
-            source.take(rows),
-            path,
-            pacsv.WriteOptions(include_header=False, quoting_style="all_valid"),
-        )
-        paths.append(path)
-    return paths
+
+    def rows_of(start: int, stop: int) -> pa.Table:
+        return source.take(pa.array(np.arange(start, stop) % source.num_rows))
+
+    return write_corpus(rows_of, articles, files, folder, "news")
 
 
 def texts_of(table: pa.Table) -> pa.Array:

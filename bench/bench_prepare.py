@@ -47,7 +47,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 from benchlib import (
     DEFAULT_DATA,
     log,
@@ -55,6 +54,8 @@ from benchlib import (
     reset_peak_rss,
     rss_mb,
     run_in_temp_folder,
+    write_ag_news_csv,
+    write_corpus,
 )
 
 SPECIALS = ("<pad>", "<unk>")
@@ -82,25 +83,9 @@ def tiled_rows(source: pa.Table, start: int, stop: int) -> pa.Table:
     return part.set_column(part.schema.get_field_index("title"), "title", title)
 
 
-def write_ag_news_csv(table: pa.Table, path: Path) -> None:
-    """The official layout: no header, every field quoted, quotes doubled."""
-    pacsv.write_csv(
-        table, path, pacsv.WriteOptions(include_header=False, quoting_style="all_valid")
-    )
-
-
 def build_corpus(source: pa.Table, articles: int, files: int, folder: Path) -> list[Path]:
-    """`articles` tiled articles in `files` equal CSV files (the last one takes the remainder)."""
-    per_file = math.ceil(articles / files)
-    paths = []
-    for f in range(files):
-        start, stop = f * per_file, min((f + 1) * per_file, articles)
-        if start >= stop:
-            break
-        path = folder / f"train-{f:03d}.csv"
-        write_ag_news_csv(tiled_rows(source, start, stop), path)
-        paths.append(path)
-    return paths
+    """`articles` tiled articles in `files` CSV files."""
+    return write_corpus(lambda a, b: tiled_rows(source, a, b), articles, files, folder, "train")
 
 
 # --- memory -------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Benchmarks run as scripts (`python bench/bench_x.py`), so this folder is on sys.
 
 import contextlib
 import json
+import math
 import re
 import shutil
 import sys
@@ -67,3 +68,27 @@ def run_in_temp_folder(prefix: str, run: Callable[[Path], dict]) -> dict:
     result["bench_wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result), flush=True)
     return result
+
+
+def write_ag_news_csv(table: pa.Table, path: Path) -> None:
+    """The official layout: no header, every field quoted, quotes doubled."""
+    pacsv.write_csv(
+        table, path, pacsv.WriteOptions(include_header=False, quoting_style="all_valid")
+    )
+
+
+def write_corpus(
+    rows_of: Callable[[int, int], pa.Table], articles: int, files: int, folder: Path, name: str
+) -> list[Path]:
+    """Articles 0..articles (`rows_of(start, stop)`) as `files` equal official-format CSV files,
+    the last one taking the remainder, so Ray reads them in parallel."""
+    per_file = math.ceil(articles / files)
+    paths = []
+    for f in range(files):
+        start, stop = f * per_file, min((f + 1) * per_file, articles)
+        if start >= stop:
+            break
+        path = folder / f"{name}-{f:03d}.csv"
+        write_ag_news_csv(rows_of(start, stop), path)
+        paths.append(path)
+    return paths
