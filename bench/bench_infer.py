@@ -69,6 +69,13 @@ DEFAULT_MAX_LEN = 256  # PrepareConfig's default: what a trained bundle would ca
 # --- input --------------------------------------------------------------------------------------
 
 
+def bundle_max_len(bundle: Path) -> int | None:
+    """The bundle's own max_len: where the model cuts texts."""
+    from agnews.checkpoint import load_bundle
+
+    return load_bundle(bundle).max_len
+
+
 def build_corpus(source: pa.Table, articles: int, files: int, folder: Path) -> list[Path]:
     """`articles` rows of `source` repeated in order, as `files` official-format CSV files."""
 
@@ -89,7 +96,7 @@ def random_bundle(train: pa.Table, folder: Path) -> Path:
     """Default-size model with random weights and the vocabulary of train.csv."""
     import torch
 
-    from agnews.checkpoint import save_bundle
+    from agnews.checkpoint import load_bundle, save_bundle
     from agnews.model import LSTMClassifier, ModelConfig
     from agnews.text import Vocab, count_tokens, tokenize
 
@@ -340,7 +347,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
         "articles": args.articles,
         "files": len(files),
         "model": "given: " + str(bundle) if trained else "random weights, default ModelConfig",
-        "max_len": DEFAULT_MAX_LEN if not trained else None,
+        "max_len": bundle_max_len(bundle),
         "end_to_end_articles_per_s": fp32["end_to_end"]["articles_per_s"],
         "bare_forward_articles_per_s": fp32["bare_forward"]["articles_per_s"],
         "ratio": round(ratio, 3),
