@@ -96,7 +96,7 @@ def random_bundle(train: pa.Table, folder: Path) -> Path:
     """Default-size model with random weights and the vocabulary of train.csv."""
     import torch
 
-    from agnews.checkpoint import load_bundle, save_bundle
+    from agnews.checkpoint import save_bundle
     from agnews.model import LSTMClassifier, ModelConfig
     from agnews.text import Vocab, count_tokens, tokenize
 
