@@ -634,6 +634,18 @@ def _bad_rows_table(
     )
 
 
+def reject_where(rows: pa.Table, mask: pa.Array, why: str) -> pa.Table:
+    """Rejects the still-accepted rows under `mask` with reason `why`, their text kept as raw
+    bytes: for the stages after the reader (no tokens in text, a missing label)."""
+    mask = pc.fill_null(pc.and_kleene(pc.is_null(rows["reason"]), mask), False)
+    if not pc.any(mask).as_py():
+        return rows
+    reason = pc.if_else(mask, pa.scalar(why), rows["reason"])
+    raw = pc.if_else(mask, pc.cast(rows["text"], pa.binary()), rows["raw"])
+    rows = rows.set_column(rows.schema.get_field_index("reason"), "reason", reason)
+    return rows.set_column(rows.schema.get_field_index("raw"), "raw", raw)
+
+
 # --- on Ray ----------------------------------------------------------------------------------
 
 

@@ -47,6 +47,7 @@ from agnews.data import (
     ColumnMapping,
     DataError,
     expand_paths,
+    reject_where,
     reraise_data_errors,
 )
 from agnews.outputs import publish, temp_folder_beside, write_json_atomic
@@ -259,12 +260,8 @@ def predict_table(
     rejected, or whose text has no token, keeps file/row/reason/raw and null predictions.
     """
     tokens = tokenize(batch["text"])
-    no_tokens = pc.and_(
-        pc.is_null(batch["reason"]), pc.equal(pc.fill_null(pc.list_value_length(tokens), 0), 0)
-    )
-    reason = pc.if_else(no_tokens, pa.scalar("no tokens in text"), batch["reason"])
-    raw = pc.if_else(no_tokens, pc.cast(batch["text"], pa.binary()), batch["raw"])
-    ok = pc.is_null(reason)
+    batch = reject_where(batch, pc.equal(pc.list_value_length(tokens), 0), "no tokens in text")
+    ok = pc.is_null(batch["reason"])
     ok_rows = np.flatnonzero(ok.to_numpy(zero_copy_only=False))
     probs = class_probabilities(im, tokens.take(pa.array(ok_rows, pa.int64())), long_text)
 
@@ -297,8 +294,8 @@ def predict_table(
         **{c: batch[c] for c in keep_columns},
         "file": batch["file"],
         "row": batch["row"],
-        "reason": reason,
-        "raw": raw,
+        "reason": batch["reason"],
+        "raw": batch["raw"],
     }
     return pa.table(columns)
 

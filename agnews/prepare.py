@@ -36,6 +36,7 @@ from agnews.data import (
     file_key,
     md5_of,
     read_dataset,
+    reject_where,
     reraise_data_errors,
 )
 from agnews.outputs import publish, temp_folder_beside, write_json_atomic
@@ -88,20 +89,9 @@ def tokenize_rows(batch: pa.Table, val_fraction: float, seed: int) -> pa.Table:
     """map_batches: adds `split` and `tokens`; a row left with no token is rejected here."""
     split = assign_split(batch["file"], batch["row"], batch["source"], val_fraction, seed)
     tokens = tokenize(batch["text"])
-    no_tokens = pc.and_(
-        pc.is_null(batch["reason"]), pc.equal(pc.fill_null(pc.list_value_length(tokens), 0), 0)
-    )
-    reason = pc.if_else(no_tokens, pa.scalar("no tokens in text"), batch["reason"])
-    unlabelled_train = pc.and_(
-        pc.and_(pc.is_null(reason), pc.is_null(batch["label"])), pc.not_equal(split, "test")
-    )
-    reason = pc.if_else(unlabelled_train, pa.scalar("missing label"), reason)
-    if pc.any(pc.or_(no_tokens, unlabelled_train)).as_py():
-        raw = pc.if_else(
-            pc.or_(no_tokens, unlabelled_train), pc.cast(batch["text"], pa.binary()), batch["raw"]
-        )
-        batch = batch.set_column(batch.schema.get_field_index("raw"), "raw", raw)
-    batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", reason)
+    batch = reject_where(batch, pc.equal(pc.list_value_length(tokens), 0), "no tokens in text")
+    unlabelled = pc.and_(pc.is_null(batch["label"]), pc.not_equal(split, "test"))
+    batch = reject_where(batch, unlabelled, "missing label")
     return (
         batch.drop_columns(["text", "source"])
         .append_column("split", split)
