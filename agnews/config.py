@@ -12,6 +12,8 @@ NUM_CLASSES = len(LABEL_NAMES)
 PAD_TOKEN, UNK_TOKEN = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
 TOKENIZER_NAME = "basic_english"
+# The `kind` of a prepared folder's manifest.json: written by prepare, checked by train.
+PREPARED_KIND = "agnews-prepared"
 
 
 @dataclass(frozen=True)

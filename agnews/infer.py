@@ -19,7 +19,6 @@ each actor then loads it once from the same path (on a cluster: a path every nod
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import shutil
@@ -45,12 +44,11 @@ from agnews.data import (
     REJECTED_COLUMNS,
     ROWS_PER_BLOCK,
     ColumnMapping,
-    DataError,
     expand_paths,
     reject_where,
     reraise_data_errors,
 )
-from agnews.outputs import publish, temp_folder_beside, write_json_atomic
+from agnews.outputs import parquet_rows, publish, temp_folder_beside, write_json_atomic
 from agnews.text import Vocab, tokenize
 
 PREDICTIONS_KIND = "agnews-predictions"
@@ -473,7 +471,7 @@ def predict(
             tmp / "rejected",
             _rejected_schema(),
         )
-        written = {name: _parquet_rows(tmp / name) for name in ("predictions", "rejected")}
+        written = {name: parquet_rows(tmp / name) for name in ("predictions", "rejected")}
         summary = _summarise_rejected(tmp / "rejected", rows_read)
         _check_accounting(summary, written)
         _check_rejected(summary, max_rejected_fraction)
@@ -647,10 +645,6 @@ def _write_parquet(ds, folder: Path, schema: pa.Schema) -> None:
         pq.write_table(schema.empty_table(), folder / "empty.parquet")
 
 
-def _parquet_rows(folder: Path) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))
-
-
 def _check_accounting(summary: dict, written: dict) -> None:
     """rows read == predictions + rejected, counted again from the files written."""
     if written["predictions"] != summary["accepted"] or written["rejected"] != summary["rejected"]:
@@ -663,15 +657,3 @@ def _check_accounting(summary: dict, written: dict) -> None:
             f"rows read {summary['rows_read']:,} != predictions {written['predictions']:,} "
             f"+ rejected {written['rejected']:,}"
         )
-
-
-def load_predictions_manifest(out: str | os.PathLike) -> dict:
-    """The manifest of a predictions folder, refusing a folder that is not one."""
-    path = Path(out) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{out}: not a predictions folder (no manifest.json)") from None
-    if manifest.get("kind") != PREDICTIONS_KIND:
-        raise DataError(f"{path}: not an agnews predictions manifest")
-    return manifest

@@ -10,6 +10,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 
 def temp_folder_beside(out: Path) -> Path:
     """A new hidden folder next to `out` (same filesystem, so the final rename is atomic)."""
@@ -40,3 +42,8 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def parquet_rows(folder: Path) -> int:
+    """Rows in a folder of Parquet files, from their footers: how jobs re-count what they wrote."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))

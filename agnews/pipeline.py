@@ -45,8 +45,9 @@ def run(
     complete. `predict_options`: keyword arguments for `infer.predict` (batch_size, workers...).
     """
     from agnews import infer, runtime, train
+    from agnews.config import PREPARED_KIND
     from agnews.data import DEFAULT_CACHE, ag_news_files, download_ag_news
-    from agnews.prepare import PREPARED_KIND, load_manifest, prepare_ag_news
+    from agnews.prepare import load_manifest, prepare_ag_news
 
     prepare_config = prepare_config or PrepareConfig()
     train_config = train_config or TrainConfig()

@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from agnews import __version__
-from agnews.config import PrepareConfig
+from agnews.config import PREPARED_KIND, PrepareConfig
 from agnews.data import (
     AG_NEWS_ROWS,
     DEFAULT_MAX_ROW_BYTES,
@@ -39,11 +38,10 @@ from agnews.data import (
     reject_where,
     reraise_data_errors,
 )
-from agnews.outputs import publish, temp_folder_beside, write_json_atomic
+from agnews.outputs import parquet_rows, publish, temp_folder_beside, write_json_atomic
 from agnews.text import Vocab, count_tokens, sum_counts, tokenize
 
 SPLITS = ("train", "val", "test")
-PREPARED_KIND = "agnews-prepared"
 DEFAULT_PREPARE = PrepareConfig()
 ROWS_PER_FILE = 65_536
 
@@ -252,7 +250,7 @@ def prepare(
         _write_parquet(rejected, tmp / "rejected", summary["rejected"])
         seconds["encode_write"] = time.perf_counter() - t
 
-        written = {name: _parquet_rows(tmp / name) for name in (*SPLITS, "rejected")}
+        written = {name: parquet_rows(tmp / name) for name in (*SPLITS, "rejected")}
         _check_accounting(summary, written)
         seconds["total"] = time.perf_counter() - started
         manifest = _manifest(
@@ -311,10 +309,6 @@ def _write_parquet(ds, folder: Path, rows: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if rows:
         ds.write_parquet(str(folder), min_rows_per_file=ROWS_PER_FILE)
-
-
-def _parquet_rows(folder: Path) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))
 
 
 def _summarise(stats: pa.Table) -> dict:

@@ -34,10 +34,9 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from agnews import checkpoint as ckpt
 from agnews import loop
-from agnews.config import LABEL_NAMES, TrainConfig
+from agnews.config import LABEL_NAMES, PREPARED_KIND, TrainConfig
 from agnews.model import LSTMClassifier, ModelConfig
 
-PREPARED_KIND = "agnews-prepared"
 RAY_RUN_NAME = "ray"
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
