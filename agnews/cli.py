@@ -107,16 +107,29 @@ def _train_defaults():
 )
 @click.option("--dropout", default=_train_defaults()[1].dropout, show_default=True, type=float)
 @click.option(
+    "--word-dropout",
+    default=_train_defaults()[1].word_dropout,
+    show_default=True,
+    type=float,
+    help="Training only: chance that a token is replaced by <unk>.",
+)
+@click.option(
     "--pooling",
     type=click.Choice(["last", "max", "mean", "maxmean"]),
     default=_train_defaults()[1].pooling,
     show_default=True,
 )
+@click.option(
+    "--sparse-embedding/--dense-embedding",
+    default=_train_defaults()[0].sparse_embedding,
+    show_default=True,
+    help="CPU: sparse embedding gradient with lazy AdamW; faster, less DDP traffic, fits slower.",
+)
 @click.option("--seed", default=_train_defaults()[0].seed, show_default=True, type=int)
 @click.option("--address", default=None, help="Ray cluster address (default: local Ray).")
 def train(
     prepared, out, workers, use_gpu, epochs, batch_size, lr, embed_dim, hidden_dim, layers,
-    bidirectional, dropout, pooling, seed, address,
+    bidirectional, dropout, word_dropout, pooling, sparse_embedding, seed, address,
 ) -> None:  # fmt: skip
     """Train the LSTM classifier on Ray Train; the best model goes to OUT/model/."""
     import dataclasses
@@ -131,6 +144,7 @@ def train(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
+        sparse_embedding=sparse_embedding,
         seed=seed,
     )
     model = dict(
@@ -139,6 +153,7 @@ def train(
         layers=layers,
         bidirectional=bidirectional,
         dropout=dropout,
+        word_dropout=word_dropout,
         pooling=pooling,
     )
     try:
@@ -353,13 +368,25 @@ def run_command(data_dir, out, split_seed, predict_batch_size, predict_workers, 
         _fail(e)
 
 
-_MODEL_OPTIONS = ("embed_dim", "hidden_dim", "layers", "bidirectional", "dropout", "pooling")
+_MODEL_OPTIONS = (
+    "embed_dim",
+    "hidden_dim",
+    "layers",
+    "bidirectional",
+    "dropout",
+    "word_dropout",
+    "pooling",
+)
 # `run` takes the stage commands' own options, so each flag has one definition and one default.
 run_command.params += [
     p
     for command, names in (
         (prepare, ("val_fraction", "min_freq", "max_size", "max_len", "max_rejected_fraction")),
-        (train, ("workers", "use_gpu", "epochs", "batch_size", "lr", *_MODEL_OPTIONS, "seed")),
+        (
+            train,
+            ("workers", "use_gpu", "epochs", "batch_size", "lr", "sparse_embedding", "seed")
+            + _MODEL_OPTIONS,
+        ),
         (predict, ("int8",)),
         (prepare, ("address",)),
     )

@@ -141,8 +141,73 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; biases and the embedding table are not decayed (decay would shrink rare words)."""
+class LazyAdamW(torch.optim.Optimizer):
+    """AdamW that moves only the rows a sparse gradient touches ("lazy" Adam).
+
+    An embedding with `sparse=True` gets a gradient holding the batch's rows only (a few
+    thousand of ~75k). Dense AdamW would read and write the whole table and both of its moments
+    every step, most of the optimizer's time on CPU; here such a table updates only the rows
+    seen, with the moments of the others left as they were (as `torch.optim.SparseAdam` does).
+    Dense parameters get plain AdamW. The state has AdamW's layout (step, exp_avg, exp_avg_sq).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+    ) -> None:
+        super().__init__(
+            params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            decay = group["weight_decay"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+                state["step"] += 1
+                step = float(state["step"])
+                step_size = lr / (1 - beta1**step)
+                root_correction = math.sqrt(1 - beta2**step)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                grad = param.grad
+                if grad.is_sparse:
+                    grad = grad.coalesce()
+                    rows, values = grad.indices()[0], grad.values()
+                    avg = exp_avg[rows].lerp_(values, 1 - beta1)
+                    avg_sq = exp_avg_sq[rows].mul_(beta2).addcmul_(values, values, value=1 - beta2)
+                    exp_avg[rows], exp_avg_sq[rows] = avg, avg_sq
+                    update = avg / (avg_sq.sqrt() / root_correction + eps) * step_size
+                    if decay:
+                        update += param[rows] * (lr * decay)
+                    param.index_add_(0, rows, update, alpha=-1.0)
+                else:
+                    param.mul_(1 - lr * decay)
+                    exp_avg.lerp_(grad, 1 - beta1)
+                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    denom = (exp_avg_sq.sqrt() / root_correction).add_(eps)
+                    param.addcdiv_(exp_avg, denom, value=-step_size)
+        return loss
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW; biases and the embedding table are not decayed (decay would shrink rare words).
+
+    A model with a sparse embedding (`nn.Embedding(sparse=True)`) gets `LazyAdamW`; otherwise
+    torch's AdamW, fused where the build has it.
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -152,11 +217,36 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if any(isinstance(m, nn.Embedding) and m.sparse for m in model.modules()):
+        return LazyAdamW(groups, lr=lr)
     try:
         # The fused kernel is ~8x faster than the default on CPU for a large embedding table.
         return torch.optim.AdamW(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=lr)
+
+
+def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale gradients so that their global L2 norm is at most `max_norm`; return that norm.
+
+    `nn.utils.clip_grad_norm_` with sparse gradients (a sparse embedding) too, which torch's
+    own cannot take.
+    """
+    grads = []
+    for param in parameters:
+        if param.grad is None:
+            continue
+        if param.grad.is_sparse:
+            param.grad = param.grad.coalesce()  # duplicate rows summed, so the norm is right
+        grads.append(param.grad)
+    if not grads:
+        return torch.tensor(0.0)
+    tensors = [g.values() if g.is_sparse else g for g in grads]  # values(): a view, scaled in place
+    norm = nn.utils.get_total_norm(tensors)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # a tensor: no sync, as torch's own
+    for t in tensors:
+        t.mul_(scale)
+    return norm
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_factor: float = 0.05) -> float:
@@ -229,7 +319,7 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip:
-            nn.utils.clip_grad_norm_(model.parameters(), clip)
+            clip_gradients(model.parameters(), clip)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()

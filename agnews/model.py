@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from agnews.config import NUM_CLASSES, PAD_ID
+from agnews.config import NUM_CLASSES, PAD_ID, UNK_ID
 
 POOLINGS = ("last", "max", "mean", "maxmean")
 
@@ -28,6 +28,10 @@ class ModelConfig:
     layers: int = 1
     bidirectional: bool = True
     dropout: float = 0.3
+    # Training only: each real token becomes <unk> with this probability. The vocab comes from
+    # the train split, so train rows hold no <unk> at all; without this, the <unk> row that
+    # every unseen word of val, test and production text maps to stays at its random init.
+    word_dropout: float = 0.1
     pooling: str = "maxmean"  # last | max | mean | maxmean (max and mean concatenated)
     num_classes: int = NUM_CLASSES
 
@@ -37,8 +41,9 @@ class ModelConfig:
         for name in ("vocab_size", "embed_dim", "hidden_dim", "layers", "num_classes"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "word_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,15 +79,26 @@ class LSTMClassifier(nn.Module):
       the packed path, which runs an unfused per-step loop, even though it computes the
       padding; outputs past a row's length are masked away, never read.
 
-    `packing=None` (default) picks packed on CUDA and padded elsewhere.
+    `packing=None` (default) picks packed on CUDA and padded elsewhere. `sparse_embedding=True`
+    gives the embedding table a sparse gradient, for training on CPU (loop.make_optimizer).
     """
 
-    def __init__(self, config: ModelConfig, *, packing: bool | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        packing: bool | None = None,
+        sparse_embedding: bool = False,
+    ) -> None:
         super().__init__()
         self.config = config
         self.packing = packing
         self.directions = 2 if config.bidirectional else 1
-        self.embedding = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=PAD_ID)
+        # sparse_embedding: the table's gradient holds only the batch's rows (training on CPU;
+        # see loop.LazyAdamW). Not for NCCL, which cannot all-reduce sparse tensors.
+        self.embedding = nn.Embedding(
+            config.vocab_size, config.embed_dim, padding_idx=PAD_ID, sparse=bool(sparse_embedding)
+        )
         width = config.hidden_dim * self.directions
         self.rnns = nn.ModuleList(
             nn.LSTM(config.embed_dim if layer == 0 else width, config.hidden_dim, batch_first=True)
@@ -93,20 +109,37 @@ class LSTMClassifier(nn.Module):
         self.head = nn.Linear(config.features, config.num_classes)
 
     def encode(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Per-position LSTM outputs [B, T, hidden * directions]; junk past each row's length."""
+        """Last-layer LSTM outputs [B, T, hidden * directions]; junk past each row's length.
+
+        The forward direction's half is in reading order. The backward direction's half stays
+        in its own order, where position t holds token len-1-t: pooling never needs it turned
+        back (max and mean do not care about order, and both directions end at len-1), so
+        only a layer that feeds another one is reversed back.
+        """
         packing = self.packing if self.packing is not None else ids.is_cuda
         lengths = lengths.to(ids.device)
         steps = torch.arange(ids.size(1), device=ids.device)[None, :]
         # Position t of a reversed row holds position len-1-t; padding stays where it is.
         reverse_index = torch.where(steps < lengths[:, None], lengths[:, None] - 1 - steps, steps)
-        x = self.dropout(self.embedding(ids))
+        if self.training and self.config.word_dropout > 0:
+            unseen = torch.rand(ids.shape, device=ids.device) < self.config.word_dropout
+            ids = ids.masked_fill(unseen & (ids != PAD_ID), UNK_ID)
+        x = self._dropout(self.embedding(ids))
+        # The backward direction reads each row reversed within its length. (Reversing the ids
+        # and looking them up twice would be cheaper, but the two directions would then get
+        # different dropout masks, which measured worse on val.)
+        inputs = (x, _reverse_rows(x, reverse_index))[: self.directions]
+        outputs: list[torch.Tensor] = []
         for layer in range(self.config.layers):
             if layer > 0:
-                x = self.dropout(x)
+                # The next layer reads both directions at the same positions: turn the backward
+                # one back into reading order, then feed the result in both orders again.
+                turned = [_reverse_rows(out, reverse_index) for out in outputs[1:]]
+                x = self._dropout(torch.cat([outputs[0], *turned], dim=2))
+                inputs = (x, _reverse_rows(x, reverse_index))[: self.directions]
             outputs = []
-            for direction in range(self.directions):
+            for direction, inp in enumerate(inputs):
                 rnn = self.rnns[layer * self.directions + direction]
-                inp = x if direction == 0 else _reverse_rows(x, reverse_index)
                 if packing:
                     packed = pack_padded_sequence(
                         inp, lengths.cpu(), batch_first=True, enforce_sorted=False
@@ -116,22 +149,17 @@ class LSTMClassifier(nn.Module):
                     )
                 else:
                     out, _ = rnn(inp)
-                outputs.append(out if direction == 0 else _reverse_rows(out, reverse_index))
-            x = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-        return x
+                outputs.append(out)
+        return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         lengths = lengths.to(ids.device)
         states = self.encode(ids, lengths)
         pooling = self.config.pooling
         if pooling == "last":
-            # Forward direction ends at len-1; backward direction ends at position 0.
-            hidden = self.config.hidden_dim
+            # Both directions end at len-1 in their own order (encode).
             rows = torch.arange(ids.size(0), device=ids.device)
-            parts = [states[rows, lengths - 1, :hidden]]
-            if self.directions == 2:
-                parts.append(states[:, 0, hidden:])
-            pooled = torch.cat(parts, dim=1)
+            pooled = states[rows, lengths - 1]
         else:
             steps = torch.arange(states.size(1), device=ids.device)[None, :]
             real = (steps < lengths[:, None]).unsqueeze(-1)
@@ -142,7 +170,15 @@ class LSTMClassifier(nn.Module):
                 total = states.masked_fill(~real, 0.0).sum(dim=1)
                 parts.append(total / lengths.to(states.dtype)[:, None])
             pooled = torch.cat(parts, dim=1)
-        return self.head(self.dropout(pooled))
+        return self.head(self._dropout(pooled))
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.config.dropout
+        if not self.training or p == 0 or x.is_cuda:
+            return self.dropout(x)
+        # On CPU, nn.Dropout's bernoulli_ costs about twice a uniform draw and a compare.
+        keep = torch.rand(x.shape, device=x.device, dtype=x.dtype) >= p
+        return x * keep * (1.0 / (1.0 - p))
 
 
 def _reverse_rows(x: torch.Tensor, reverse_index: torch.Tensor) -> torch.Tensor:

@@ -231,7 +231,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(threads)
     loop.set_seed(settings.seed)  # the same initial weights everywhere (DDP broadcasts anyway)
 
-    model = LSTMClassifier(model_config)
+    # NCCL cannot all-reduce a sparse gradient: sparse_embedding is for CPU workers only.
+    model = LSTMClassifier(
+        model_config, sparse_embedding=settings.sparse_embedding and not settings.use_gpu
+    )
     state: dict[str, Any] = {"epoch": 0, "best_accuracy": -1.0, "best_epoch": 0, "done": False}
     resumed = ray.train.get_checkpoint()
     optimizer_state = scheduler_state = None
@@ -530,8 +533,10 @@ def ddp_gradient_probe(config: dict[str, Any]) -> dict[str, float]:
     local, unsynced gradient: 0 when DDP averages), `max_local_difference` (between the local
     gradients: > 0, the ranks did see different data) and `grad_norm`.
     """
-    # No dropout: both backward passes below must see the same function.
-    model_config = dataclasses.replace(ModelConfig.from_dict(config["model"]), dropout=0.0)
+    # No dropout of any kind: both backward passes below must see the same function.
+    model_config = dataclasses.replace(
+        ModelConfig.from_dict(config["model"]), dropout=0.0, word_dropout=0.0
+    )
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(0)

@@ -31,7 +31,9 @@ def synthetic_rows(n: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]
 
 
 def small_config(**overrides) -> ModelConfig:
-    options = dict(vocab_size=VOCAB, embed_dim=12, hidden_dim=10, layers=1, dropout=0.0)
+    options = dict(
+        vocab_size=VOCAB, embed_dim=12, hidden_dim=10, layers=1, dropout=0.0, word_dropout=0.0
+    )
     options.update(overrides)
     return ModelConfig(**options)
 
@@ -88,6 +90,33 @@ def test_model_config_validates_and_round_trips():
         small_config(pooling="attention")
     with pytest.raises(ValueError, match="unknown"):
         ModelConfig.from_dict({**config.to_dict(), "heads": 2})
+    with pytest.raises(ValueError, match="word_dropout"):
+        small_config(word_dropout=1.0)
+    # A bundle saved before word_dropout existed loads with the default.
+    old = {k: v for k, v in config.to_dict().items() if k != "word_dropout"}
+    assert ModelConfig.from_dict(old).word_dropout == ModelConfig(vocab_size=2).word_dropout
+
+
+def test_word_dropout_trains_the_unk_row_and_leaves_padding_and_eval_alone():
+    torch.manual_seed(0)
+    model = LSTMClassifier(small_config(word_dropout=0.25))
+    seen = []
+    model.embedding.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    rows = [np.full(n, 7, dtype=np.int32) for n in np.random.default_rng(0).integers(5, 40, 300)]
+    ids, lengths = padded(rows)
+    real = torch.arange(ids.size(1))[None, :] < lengths[:, None]
+
+    model(ids, lengths).sum().backward()
+    fed = seen[-1]
+    assert (fed[~real] == 0).all()  # padding stays padding
+    assert set(fed[real].unique().tolist()) == {1, 7}  # real tokens: kept or <unk>
+    assert (fed[real] == 1).float().mean().item() == pytest.approx(0.25, abs=0.02)
+    assert model.embedding.weight.grad[1].abs().sum() > 0  # the <unk> row learns
+
+    model.eval()
+    with torch.no_grad():
+        model(ids, lengths)
+    assert torch.equal(seen[-1], ids)  # eval never drops
 
 
 # --- batches ------------------------------------------------------------------------------------
@@ -133,12 +162,15 @@ def test_lr_warms_up_then_decays():
 # --- the loop learns ----------------------------------------------------------------------------
 
 
-def test_epoch_loop_learns_synthetic_topics():
+@pytest.mark.parametrize("sparse_embedding", [True, False])
+def test_epoch_loop_learns_synthetic_topics(sparse_embedding):
     torch.manual_seed(0)
     loop.set_seed(0)
     rows, labels = synthetic_rows(800, seed=0)
     val_rows, val_labels = synthetic_rows(200, seed=1)
-    model = LSTMClassifier(small_config(dropout=0.1))
+    model = LSTMClassifier(
+        small_config(dropout=0.1, word_dropout=0.1), sparse_embedding=sparse_embedding
+    )
     optimizer = loop.make_optimizer(model, lr=1e-2, weight_decay=0.01)
     epochs, batch_size = 4, 32
     total = epochs * loop.steps_per_epoch(len(rows), batch_size)
@@ -152,6 +184,60 @@ def test_epoch_loop_learns_synthetic_topics():
     assert after.count == 200
     assert after.accuracy > 0.9
     assert after.mean_loss < before.mean_loss
+
+
+class _EmbeddingAndHead(torch.nn.Module):
+    def __init__(self, sparse: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = torch.nn.Embedding(10, 4, sparse=sparse)  # not decayed, by its name
+        self.head = torch.nn.Linear(12, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedding(ids).flatten(1))
+
+
+def test_lazy_adamw_is_adamw_for_rows_seen_and_leaves_other_rows_alone():
+    lazy_model, dense_model = _EmbeddingAndHead(True), _EmbeddingAndHead(False)
+    lazy = loop.make_optimizer(lazy_model, lr=0.05, weight_decay=0.1)
+    dense = loop.make_optimizer(dense_model, lr=0.05, weight_decay=0.1)
+    assert isinstance(lazy, loop.LazyAdamW) and isinstance(dense, torch.optim.AdamW)
+    batch = torch.tensor([[1, 2, 3], [3, 2, 1], [2, 2, 1]])  # rows 1-3 in every step
+    for step in range(5):
+        for model, optimizer in ((lazy_model, lazy), (dense_model, dense)):
+            optimizer.zero_grad()
+            model(batch).pow(2).sum().mul(step + 1).backward()
+            optimizer.step()
+    assert lazy_model.embedding.weight.grad.is_sparse
+    for got, want in zip(lazy_model.parameters(), dense_model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    before = lazy_model.embedding.weight.detach().clone()
+    lazy.zero_grad()
+    lazy_model(torch.tensor([[4, 4, 5]])).sum().backward()
+    lazy.step()  # dense AdamW's momentum would move rows 1-3 too; lazy moves 4 and 5 only
+    moved = (lazy_model.embedding.weight != before).any(dim=1).nonzero().flatten().tolist()
+    assert moved == [4, 5]
+
+    # The state survives a checkpoint round trip.
+    restored = loop.make_optimizer(_EmbeddingAndHead(True), lr=0.05, weight_decay=0.1)
+    restored.load_state_dict(lazy.state_dict())
+    assert float(restored.state_dict()["state"][0]["step"]) == 6
+
+
+def test_clip_gradients_equals_torch_clipping_with_sparse_gradients_too():
+    sparse_model, dense_model = _EmbeddingAndHead(True), _EmbeddingAndHead(False)
+    batch = torch.tensor([[1, 2, 2], [7, 1, 1]])  # repeated rows: uncoalesced sparse gradient
+    for model in (sparse_model, dense_model):
+        model(batch).pow(2).sum().mul(100).backward()
+    want = torch.nn.utils.clip_grad_norm_(dense_model.parameters(), 1.0)
+    got = loop.clip_gradients(sparse_model.parameters(), 1.0)
+    torch.testing.assert_close(got, want)
+    assert want > 1.0  # it did clip
+    for s_param, d_param in zip(sparse_model.parameters(), dense_model.parameters()):
+        grad = s_param.grad.to_dense() if s_param.grad.is_sparse else s_param.grad
+        torch.testing.assert_close(grad, d_param.grad)
+    assert float(loop.clip_gradients(dense_model.parameters(), 100.0)) == pytest.approx(1.0)
 
 
 # --- bundle -------------------------------------------------------------------------------------
