@@ -8,10 +8,12 @@ prepared train split, at the default model size (ModelConfig defaults):
 
 - naive: one process, nn.LSTM (bidirectional) over batches of 64 consecutive rows padded to
   their longest row, no packing, no length bucketing, torch's default AdamW;
-- loop: agnews.loop.train_epoch with LSTMClassifier, length-bucketed batches (TrainConfig
-  defaults), fused AdamW; in process, no Ray;
-- ray1 / ray2: agnews.train.fit on a prepared folder holding those rows, 1 and 2 workers,
-  samples/s of the second epoch (the first warms up Ray Data).
+- loop: agnews.loop.train_epoch with LSTMClassifier, length-bucketed batches, fused AdamW
+  (TrainConfig defaults); in process, no Ray;
+- loop_sparse: the same with `--sparse-embedding` (sparse embedding gradient, loop.LazyAdamW);
+- ray1 / ray2 / ray2_sparse: agnews.train.fit on a prepared folder holding those rows, 1 and
+  2 workers (and 2 with --sparse-embedding), samples/s of the second epoch (the first warms
+  up Ray Data).
 
 Prints ONE JSON line of samples/s and ratios. naive and loop alternate twice; the best of each
 is kept (the machine is shared, so single timings are noisy).
@@ -75,7 +77,7 @@ def naive_samples_per_s(rows, labels, config: ModelConfig) -> float:
 
 def loop_samples_per_s(rows, labels, config: ModelConfig, settings: TrainConfig) -> float:
     torch.manual_seed(0)
-    model = LSTMClassifier(config)
+    model = LSTMClassifier(config, sparse_embedding=settings.sparse_embedding)  # as train.py
     optimizer = loop.make_optimizer(model, settings.lr, settings.weight_decay)
     batches = loop.iterate_batches(
         rows, labels, settings.batch_size, shuffle=True, bucket=settings.bucket
@@ -126,22 +128,28 @@ def main() -> None:
         settings = TrainConfig()
 
         torch.set_num_threads(args.threads)
-        naive, project = [], []
+        sparse = dataclasses.replace(settings, sparse_embedding=True)
+        naive, project, project_sparse = [], [], []
         for _ in range(2):
             naive.append(naive_samples_per_s(rows, labels, config))
             project.append(loop_samples_per_s(rows, labels, config, settings))
+            project_sparse.append(loop_samples_per_s(rows, labels, config, sparse))
 
         from agnews.train import fit
 
         subset = subset_prepared(Path(prepared), scratch / "subset", args.rows)
         ray_figures = {}
-        for workers in (1, 2):
+        for name, workers, base in (
+            ("ray1", 1, settings),
+            ("ray2", 2, settings),
+            ("ray2_sparse", 2, sparse),
+        ):
             result = fit(
                 subset,
-                scratch / f"run-{workers}",
-                dataclasses.replace(settings, epochs=2, workers=workers, patience=99),
+                scratch / name,
+                dataclasses.replace(base, epochs=2, workers=workers, patience=99),
             )
-            ray_figures[workers] = result.history[-1]["samples_per_s"]
+            ray_figures[name] = result.history[-1]["samples_per_s"]
         figures = {
             "bench": "train",
             "rows": len(rows),
@@ -150,13 +158,14 @@ def main() -> None:
             "batch_size": {"naive": 64, "project": settings.batch_size},
             "naive_samples_per_s": round(max(naive), 1),
             "loop_samples_per_s": round(max(project), 1),
-            "ray1_samples_per_s": round(ray_figures[1], 1),
-            "ray2_samples_per_s": round(ray_figures[2], 1),
+            "loop_sparse_samples_per_s": round(max(project_sparse), 1),
+            **{f"{k}_samples_per_s": round(v, 1) for k, v in ray_figures.items()},
             "loop_vs_naive": round(max(project) / max(naive), 2),
-            "ray1_vs_naive": round(ray_figures[1] / max(naive), 2),
-            "ray2_vs_naive": round(ray_figures[2] / max(naive), 2),
+            "loop_sparse_vs_naive": round(max(project_sparse) / max(naive), 2),
+            **{f"{k}_vs_naive": round(v / max(naive), 2) for k, v in ray_figures.items()},
             "all_naive": [round(x, 1) for x in naive],
             "all_loop": [round(x, 1) for x in project],
+            "all_loop_sparse": [round(x, 1) for x in project_sparse],
         }
         print(json.dumps(figures), flush=True)
     finally:
