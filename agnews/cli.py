@@ -123,7 +123,7 @@ def _train_defaults():
     "--sparse-embedding/--dense-embedding",
     default=_train_defaults()[0].sparse_embedding,
     show_default=True,
-    help="CPU: sparse embedding gradient with lazy AdamW; faster, less DDP traffic, fits slower.",
+    help="CPU: sparse embedding gradient, lazy AdamW; less DDP traffic, but fits slower.",
 )
 @click.option("--seed", default=_train_defaults()[0].seed, show_default=True, type=int)
 @click.option("--address", default=None, help="Ray cluster address (default: local Ray).")

@@ -40,8 +40,9 @@ class TrainConfig:
     eval_batch_size: int = 512
     workers: int = 1
     use_gpu: bool = False
-    # CPU only: a sparse embedding gradient with lazy AdamW (loop.LazyAdamW). ~1.2-1.3x the
-    # samples/s of one worker and far less DDP traffic, but it fit slower: -0.4 val points here.
+    # CPU only: a sparse embedding gradient with lazy AdamW (loop.LazyAdamW). DDP all-reduces
+    # only the rows used (1.2x the samples/s of 2 workers here), but it fit slower: -0.4 to
+    # -0.6 val points in two runs.
     sparse_embedding: bool = False
     cpus_per_worker: float = 0.5  # fractional: whole CPUs per worker starve Ray Data's reads
     threads_per_worker: int = 0  # torch threads; 0 = this node's CPUs / workers on it

@@ -4,14 +4,16 @@ A batch is `(ids, lengths, labels)`: ids LongTensor [B, T] padded with PAD_ID to
 longest row, lengths LongTensor [B] (>= 1), labels LongTensor [B]. The loop knows nothing of
 the model beyond `model(ids, lengths) -> logits`; Ray Train (train.py) wraps it.
 
-Reading order: pad_rows / bucket_batches -> set_seed -> make_optimizer / make_scheduler ->
-train_epoch -> evaluate.
+Reading order: pad_rows / bucket_batches -> set_seed / keep_freed_memory -> make_optimizer /
+make_scheduler -> train_epoch -> evaluate.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import random
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -200,6 +202,25 @@ class LazyAdamW(torch.optim.Optimizer):
                     denom = (exp_avg_sq.sqrt() / root_correction).add_(eps)
                     param.addcdiv_(exp_avg, denom, value=-step_size)
         return loss
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
+
+    By default glibc serves each block above its mmap threshold (at most 32 MB) with a fresh
+    mmap and unmaps it when freed, so every training step pays page faults for the embedding
+    table's 38 MB dense gradient and the LSTM's work space, again and again: 1.2-1.35x the
+    samples/s on CPU here with this off. Process-wide; memory then stays at its peak, which
+    is what a training process holds anyway. Returns False where this is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -229,6 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         1, (os.cpu_count() or 1) // max(1, context.get_local_world_size())
     )
     torch.set_num_threads(threads)
+    loop.keep_freed_memory()
     loop.set_seed(settings.seed)  # the same initial weights everywhere (DDP broadcasts anyway)
 
     # NCCL cannot all-reduce a sparse gradient: sparse_embedding is for CPU workers only.

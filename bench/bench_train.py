@@ -15,8 +15,9 @@ prepared train split, at the default model size (ModelConfig defaults):
   2 workers (and 2 with --sparse-embedding), samples/s of the second epoch (the first warms
   up Ray Data).
 
-Prints ONE JSON line of samples/s and ratios. naive and loop alternate twice; the best of each
-is kept (the machine is shared, so single timings are noisy).
+Prints ONE JSON line of samples/s and ratios. naive, loop and loop_sparse alternate twice, each
+in a fresh process (the project's loop sets allocator options process-wide, as train.py's
+workers do); the best of each is kept (the machine is shared, so single timings are noisy).
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +88,28 @@ def loop_samples_per_s(rows, labels, config: ModelConfig, settings: TrainConfig)
     return loop.train_epoch(model, batches, optimizer, clip=settings.clip).samples_per_s
 
 
+def load_rows(prepared: Path, rows: int) -> tuple[list[np.ndarray], np.ndarray, int]:
+    table = pq.read_table(prepared / "train").slice(0, rows)
+    ids = table.column("ids").combine_chunks()
+    offsets, values = ids.offsets.to_numpy(), ids.values.to_numpy()
+    arrays = [values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    labels = table.column("label").to_numpy().astype(np.int64)
+    vocab_size = json.loads((prepared / "manifest.json").read_text())["vocab_size"]
+    return arrays, labels, vocab_size
+
+
+def measure(kind: str, prepared: Path, rows: int, threads: int) -> float:
+    """samples/s of one in-process loop, run in a fresh process (see main)."""
+    torch.set_num_threads(threads)
+    arrays, labels, vocab_size = load_rows(prepared, rows)
+    config = ModelConfig(vocab_size=vocab_size)
+    if kind == "naive":
+        return naive_samples_per_s(arrays, labels, config)
+    loop.keep_freed_memory()  # as train.py's workers do
+    settings = TrainConfig(sparse_embedding=kind == "loop_sparse")
+    return loop_samples_per_s(arrays, labels, config, settings)
+
+
 def subset_prepared(prepared: Path, out: Path, rows: int) -> Path:
     """A prepared folder with the first `rows` train rows and a small val split."""
     manifest = json.loads((prepared / "manifest.json").read_text())
@@ -118,22 +143,21 @@ def main() -> None:
 
             prepared = scratch / "prepared"
             prepare_ag_news(args.data, str(prepared))
-        table = pq.read_table(prepared / "train").slice(0, args.rows)
-        ids = table.column("ids").combine_chunks()
-        offsets, values = ids.offsets.to_numpy(), ids.values.to_numpy()
-        rows = [values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-        labels = table.column("label").to_numpy().astype(np.int64)
-        vocab_size = json.loads((prepared / "manifest.json").read_text())["vocab_size"]
+        # Each measurement in a fresh process: the project's loop sets process-wide allocator
+        # options (loop.keep_freed_memory) that the naive loop must not inherit.
+        spawn = multiprocessing.get_context("spawn")
+        figures_of: dict[str, list[float]] = {"naive": [], "loop": [], "loop_sparse": []}
+        for _ in range(2):
+            for kind, figures in figures_of.items():
+                with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                    figures.append(
+                        pool.submit(measure, kind, Path(prepared), args.rows, args.threads).result()
+                    )
+        naive, project, project_sparse = (figures_of[k] for k in ("naive", "loop", "loop_sparse"))
+        vocab_size = load_rows(Path(prepared), 1)[2]
         config = ModelConfig(vocab_size=vocab_size)
         settings = TrainConfig()
-
-        torch.set_num_threads(args.threads)
         sparse = dataclasses.replace(settings, sparse_embedding=True)
-        naive, project, project_sparse = [], [], []
-        for _ in range(2):
-            naive.append(naive_samples_per_s(rows, labels, config))
-            project.append(loop_samples_per_s(rows, labels, config, settings))
-            project_sparse.append(loop_samples_per_s(rows, labels, config, sparse))
 
         from agnews.train import fit
 
@@ -152,7 +176,7 @@ def main() -> None:
             ray_figures[name] = result.history[-1]["samples_per_s"]
         figures = {
             "bench": "train",
-            "rows": len(rows),
+            "rows": args.rows,
             "threads": args.threads,
             "model": dataclasses.asdict(config),
             "batch_size": {"naive": 64, "project": settings.batch_size},

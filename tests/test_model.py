@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -238,6 +240,40 @@ def test_clip_gradients_equals_torch_clipping_with_sparse_gradients_too():
         grad = s_param.grad.to_dense() if s_param.grad.is_sparse else s_param.grad
         torch.testing.assert_close(grad, d_param.grad)
     assert float(loop.clip_gradients(dense_model.parameters(), 100.0)) == pytest.approx(1.0)
+
+
+_MMAPPED_BYTES_AFTER_A_BIG_TENSOR = """
+import ctypes, sys
+import torch
+from agnews import loop
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split())]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "keep":
+    assert loop.keep_freed_memory()
+before = libc.mallinfo2().hblkhd
+big = torch.zeros(64 * 2**20 // 4)  # 64 MB, over glibc's largest mmap threshold
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_keep_freed_memory_serves_big_tensors_from_the_heap():
+    def mmapped(mode: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", _MMAPPED_BYTES_AFTER_A_BIG_TENSOR, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return int(done.stdout.split()[-1])
+
+    assert mmapped("default") >= 64 * 2**20  # glibc's default: its own mmap, unmapped on free
+    assert mmapped("keep") == 0  # from the heap, reused after free
 
 
 # --- bundle -------------------------------------------------------------------------------------
