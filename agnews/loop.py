@@ -209,9 +209,9 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves each block above its mmap threshold (at most 32 MB) with a fresh
     mmap and unmaps it when freed, so every training step pays page faults for the embedding
-    table's 38 MB dense gradient and the LSTM's work space, again and again: 1.2-1.35x the
-    samples/s on CPU here with this off. Process-wide; memory then stays at its peak, which
-    is what a training process holds anyway. Returns False where this is not glibc.
+    table's 38 MB dense gradient and the LSTM's work space, again and again. With this on,
+    the epoch loop runs 1.2-1.35x faster on CPU here. Process-wide; memory then stays at its
+    peak, which is what a training process holds anyway. Returns False where this is not glibc.
     """
     if not sys.platform.startswith("linux"):
         return False
