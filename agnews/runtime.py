@@ -18,12 +18,26 @@ def connect(address: str | None = None, *, quiet: bool = True) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    local = address is None and "RAY_ADDRESS" not in os.environ
     ray.init(
         address=address,
-        include_dashboard=False if address is None and "RAY_ADDRESS" not in os.environ else None,
+        include_dashboard=False if local else None,
         logging_level=logging.WARNING if quiet else logging.INFO,
+        runtime_env={"worker_process_setup_hook": "agnews.runtime.quiet_worker"} if local else None,
     )
     quiet_data()
+
+
+def quiet_worker() -> None:
+    """Set-up of each Ray worker process of a local Ray started by `connect` (no dashboard).
+
+    Ray Train's PlacementGroupCleaner asks the State API, which the dashboard serves, whether
+    the train controller is alive, once a second; without a dashboard it logs a warning each
+    time, ~500 lines per training run. Its job, removing the placement group of a controller
+    that died, does not arise on a local Ray, which ends with the driver.
+    """
+    cleaner = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    logging.getLogger(cleaner).setLevel(logging.ERROR)
 
 
 def quiet_data() -> None:
