@@ -88,21 +88,24 @@ def loop_samples_per_s(rows, labels, config: ModelConfig, settings: TrainConfig)
     return loop.train_epoch(model, batches, optimizer, clip=settings.clip).samples_per_s
 
 
-def load_rows(prepared: Path, rows: int) -> tuple[list[np.ndarray], np.ndarray, int]:
+def vocab_size_of(prepared: Path) -> int:
+    return json.loads((prepared / "manifest.json").read_text())["vocab_size"]
+
+
+def load_rows(prepared: Path, rows: int) -> tuple[list[np.ndarray], np.ndarray]:
     table = pq.read_table(prepared / "train").slice(0, rows)
     ids = table.column("ids").combine_chunks()
     offsets, values = ids.offsets.to_numpy(), ids.values.to_numpy()
     arrays = [values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
     labels = table.column("label").to_numpy().astype(np.int64)
-    vocab_size = json.loads((prepared / "manifest.json").read_text())["vocab_size"]
-    return arrays, labels, vocab_size
+    return arrays, labels
 
 
 def measure(kind: str, prepared: Path, rows: int, threads: int) -> float:
     """samples/s of one in-process loop, run in a fresh process (see main)."""
     torch.set_num_threads(threads)
-    arrays, labels, vocab_size = load_rows(prepared, rows)
-    config = ModelConfig(vocab_size=vocab_size)
+    arrays, labels = load_rows(prepared, rows)
+    config = ModelConfig(vocab_size=vocab_size_of(prepared))
     if kind == "naive":
         return naive_samples_per_s(arrays, labels, config)
     loop.keep_freed_memory()  # as train.py's workers do
@@ -154,8 +157,7 @@ def main() -> None:
                         pool.submit(measure, kind, Path(prepared), args.rows, args.threads).result()
                     )
         naive, project, project_sparse = (figures_of[k] for k in ("naive", "loop", "loop_sparse"))
-        vocab_size = load_rows(Path(prepared), 1)[2]
-        config = ModelConfig(vocab_size=vocab_size)
+        config = ModelConfig(vocab_size=vocab_size_of(Path(prepared)))
         settings = TrainConfig()
         sparse = dataclasses.replace(settings, sparse_embedding=True)
 
