@@ -308,12 +308,6 @@ def classify(text, model, long_text, int8, as_json) -> None:
 
 
 @main.command("run")
-@click.option(
-    "--data",
-    "data_dir",
-    default=None,
-    help="Folder with train.csv and test.csv (official AG_NEWS format). Default: download.",
-)
 @click.option("--out", required=True, help="Output root: prepared/, run/, predict/, summary.json.")
 @click.option("--split-seed", default=0, show_default=True, type=int, help="Seed of the val split.")
 @click.option("--predict-batch-size", default=4096, show_default=True, type=int)
@@ -378,6 +372,7 @@ _MODEL_OPTIONS = (
     "pooling",
 )
 # `run` takes the stage commands' own options, so each flag has one definition and one default.
+run_command.params[:0] = [p for p in prepare.params if p.name == "data_dir"]
 run_command.params += [
     p
     for command, names in (
